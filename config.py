@@ -50,6 +50,13 @@ def load_config(root_cls: type[T], path: str, overrides: typing.Sequence[str] = 
         except tomllib.TOMLDecodeError:
             value = text
         _set(cfg, dotted.strip(), value, "command line")
+    for section_field in dataclasses.fields(cfg):  # re-run each section's own checks on the final values
+        section = getattr(cfg, section_field.name)
+        if hasattr(section, "__post_init__"):
+            try:
+                section.__post_init__()
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
     return cfg
 
 
