@@ -508,3 +508,18 @@ def training_flops_per_token(config: LLaDAConfig, seq_len: int, *, frozen_base: 
     matmul += c.embedding_size * c.d_model  # LM head (tied or not, it is a matmul)
     dense = (4 if frozen_base else 6) * matmul
     return float(dense + 6 * lora_params + 12 * c.n_layers * c.d_model * seq_len)
+
+
+if __name__ == "__main__":
+    # `python model.py CKPT_DIR`: check that a checkpoint loads (config, every shard, every key and shape).
+    import sys
+    if len(sys.argv) != 2:
+        sys.exit("usage: python model.py CHECKPOINT_DIR")
+    try:
+        m = LLaDA.from_pretrained(sys.argv[1])
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    c = m.config
+    print(f"{sys.argv[1]}: {sum(p.numel() for p in m.parameters()):,} parameters, d_model {c.d_model}, "
+          f"{c.n_layers} layers, {c.n_heads} heads ({c.n_kv_heads} kv), vocab {c.vocab_size}")

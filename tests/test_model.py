@@ -1,14 +1,15 @@
 """model.py against an independent reference (transformers' Llama), checkpoint round trips and errors."""
 import json
 import math
-import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 from model import (LLaDA, LLaDAConfig, CheckpointError, MODEL_SIZES, read_safetensors_dir,  # noqa: E402
                    training_flops_per_token)
 
@@ -340,6 +341,21 @@ def test_error_unsupported_architecture(ckpt):
     cfg["block_type"] = "sequential"
     (ckpt / "config.json").write_text(json.dumps(cfg))
     expect_error(ckpt, "config.json", "block_type")
+
+
+def test_cli_exit_codes(ckpt):
+    ok = subprocess.run([sys.executable, str(ROOT / "model.py"), str(ckpt)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "parameters" in ok.stdout
+    (ckpt / "config.json").unlink()
+    bad = subprocess.run([sys.executable, str(ROOT / "model.py"), str(ckpt)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "config.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_load_rss_script_runs_on_tiny():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "load_rss.py"), "--size", "tiny"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "peak RSS after reading every weight" in r.stdout
 
 
 def test_flops_per_token():
