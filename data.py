@@ -37,15 +37,17 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # JSONL or JSON-array files, schemas detected per record
-    train_weights: list[float] = field(default_factory=list)  # per-file samples per epoch, x record count; empty = 1 each
+    train_files: list[str] = field(default_factory=list)  # JSONL or JSON-array files; schema detected per record
+    train_weights: list[float] = field(default_factory=list)  # per file: times each record is seen per epoch
+    #   (2.0 = twice, 0.5 = a seeded half drawn anew each epoch); empty = 1.0 for every file
     eval_file: str = ""  # held-out file; empty = split eval_fraction off the train records
-    eval_fraction: float = 0.01  # used when eval_file is empty; seeded, by record, identical on every rank; 0 = no eval
+    eval_fraction: float = 0.01  # without eval_file: seeded split by record, same on every rank; 0 = no eval
     max_length: int = 4096  # prompt + response tokens per sample (the official recipe's 4096)
-    pad_to: str = "longest"  # "longest" (in the micro-batch, rounded to pad_multiple) | "max_length" (official recipe)
-    pad_multiple: int = 64  # round padded length up to this (8 or 64 keep GPU matmuls efficient)
-    multi_turn: str = "random"  # "random" (official: one assistant turn drawn per epoch) | "last" | "all" (each turn a sample)
-    truncate: bool = False  # over-long samples: false = drop (counted), true = cut the response (then it has no <|eot_id|>)
+    pad_to: str = "longest"  # "longest" (micro-batch's longest, rounded to pad_multiple) | "max_length" (official)
+    pad_multiple: int = 64  # round the padded length up to this (8 or 64 keep GPU matmuls efficient)
+    multi_turn: str = "random"  # "random" (official: one assistant turn drawn per epoch per dialogue) | "last" |
+    #   "all" (every assistant turn is its own sample). "random" is the default because LLaDA's recipe uses it.
+    truncate: bool = False  # over-long samples: false = drop (counted); true = cut the response (no <|eot_id|>)
     length_grouping: bool = True  # pad_to=longest: batch samples of similar length (windows of 64 global batches)
     cache_dir: str = ".cache/data"  # tokenised arrays are stored here; "" = no cache
     seed: int = 0  # eval split, shuffling, multi-turn draws and weight subsampling
@@ -70,14 +72,16 @@ class Batch:
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-SCHEMAS = "messages, conversations, prompt+response|completion, input+output, instruction(+input)+output, question+thinking_trajectories+attempt"
+SCHEMAS = ("messages, conversations, prompt+response|completion, input+output, instruction(+input)+output, "
+           "question+thinking_trajectories+attempt")
 
 
 def read_records(path: str) -> list[Conversation]:
     """Read a JSONL file or a JSON array of objects; every record is validated and converted to messages."""
     if not os.path.isfile(path):
         raise DataError(f"{path}:0: file not found")
-    raw = open(path, "rb").read()
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
         text = raw.decode("utf-8-sig")  # tolerate a BOM, which some editors add
     except UnicodeDecodeError as e:
@@ -195,9 +199,10 @@ def _with_system(rec: dict, where: str, user: str, answer: str) -> list[dict]:
 def _check_messages(messages: list[dict], where: str) -> None:
     for i, m in enumerate(messages):
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: turn {i} has role {m['role']!r}, the chat template renders only {', '.join(ROLES)}")
+            raise DataError(f"{where}: turn {i} has role {m['role']!r}, expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise DataError(f"{where}: turn {i} ({m['role']}) content is {type(m['content']).__name__}, expected a string")
+            kind = type(m["content"]).__name__
+            raise DataError(f"{where}: turn {i} ({m['role']}) content is {kind}, expected a string")
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(f"{where}: turn {i} is an empty assistant answer")
     if messages[-1]["role"] != "assistant":
@@ -215,7 +220,8 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001  (transformers raises many kinds; we want one line)
-        raise DataError(f"{path}:0: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}:0: cannot load tokenizer ({why})") from None
     if not getattr(tok, "chat_template", None):
         raise DataError(f"{path}:0: tokenizer has no chat_template")
     return tok
@@ -339,7 +345,8 @@ def load_or_tokenise(path: str, tokenizer, *, max_length: int, truncate: bool, c
     start = time.time()
     while not os.path.exists(target):
         if os.path.exists(err):
-            raise DataError(open(err, encoding="utf-8").read())
+            with open(err, encoding="utf-8") as f:
+                raise DataError(f.read())
         if time.time() - start > CACHE_WAIT_S:
             raise DataError(f"{path}:0: waited {CACHE_WAIT_S:.0f}s for rank 0 to write {target}")
         time.sleep(0.2)
@@ -351,6 +358,7 @@ def _atomic_write(target: str, write: Callable) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", prefix=".tmp-")
     with os.fdopen(fd, "wb") as f:
         write(f)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; other users of a shared cache must read it
     os.replace(tmp, target)  # readers never see a half-written file
 
 
@@ -414,8 +422,11 @@ def _make_dataset(files: list[dict], selections: list[np.ndarray], multi_turn: s
             bounds = np.flatnonzero(np.r_[True, rec[chosen][1:] != rec[chosen][:-1]]) if len(chosen) else chosen
         else:  # "last" / "all": one sample per variant
             bounds = np.arange(len(chosen))
-        lens = arr["offsets"][chosen + 1] - arr["offsets"][chosen]
-        toks += [arr["tokens"][arr["offsets"][v]: arr["offsets"][v + 1]] for v in chosen]
+        all_lens = np.diff(arr["offsets"])
+        lens = all_lens[chosen]
+        keep_var = np.zeros(len(all_lens), dtype=bool)
+        keep_var[chosen] = True
+        toks.append(arr["tokens"][np.repeat(keep_var, all_lens)])  # chosen is sorted: order is kept
         offs.append(n_tok + np.cumsum(lens))
         plens.append(arr["prompt_lens"][chosen])
         truncs.append(arr["truncated"][chosen])
@@ -428,47 +439,43 @@ def _make_dataset(files: list[dict], selections: list[np.ndarray], multi_turn: s
                       weights=weights, seed=seed)
 
 
-def build_datasets(cfg: DataConfig, tokenizer, *, rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print,
-                   micro_batch_size: int = 1) -> tuple[SFTDataset, SFTDataset | None]:
-    """Train and eval datasets, identical on every rank, plus the length report through `log`.
+def build_datasets(
+    cfg: DataConfig, tokenizer, *, rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print,
+    micro_batch_size: int = 1,
+) -> tuple[SFTDataset, SFTDataset | None]:
+    """Train and eval datasets, identical on every rank, and the length report through `log`.
     micro_batch_size and world_size only shape the padding estimate in the report."""
     _check_config(cfg)
-    weights = list(cfg.train_weights) or [1.0] * len(cfg.train_files)
-    files, hits = [], []
-    for path in cfg.train_files:
-        arr, hit = load_or_tokenise(path, tokenizer, max_length=cfg.max_length, truncate=cfg.truncate,
-                                    cache_dir=cfg.cache_dir, rank=rank)
-        files.append(arr)
-        hits.append(hit)
-    n_records = [json.loads(str(a["meta"]))["records"] for a in files]
-    # The eval split is drawn by record (before multi-turn expansion) from a seeded permutation of all
-    # train records: every rank computes the same one, unlike the tool this replaces.
-    train_sel, eval_sel = [np.arange(n) for n in n_records], None
-    if not cfg.eval_file and cfg.eval_fraction > 0:
-        total = sum(n_records)
-        n_eval = min(max(1, round(cfg.eval_fraction * total)), total - 1)
+    paths = cfg.train_files + ([cfg.eval_file] if cfg.eval_file else [])
+    loaded = [load_or_tokenise(p, tokenizer, max_length=cfg.max_length, truncate=cfg.truncate,
+                               cache_dir=cfg.cache_dir, rank=rank) for p in paths]
+    arrays, hits = [a for a, _ in loaded], [h for _, h in loaded]
+    files = arrays[: len(cfg.train_files)]
+    n_records = [_meta(a)["records"] for a in files]
+    train_sel, evals = [np.arange(n) for n in n_records], None
+    total = sum(n_records)
+    n_eval = min(max(1, round(cfg.eval_fraction * total)), total - 1) if cfg.eval_fraction > 0 else 0
+    if cfg.eval_file:
+        evals = _make_dataset(arrays[-1:], [np.arange(_meta(arrays[-1])["records"])], cfg.multi_turn, [1.0], cfg.seed)
+    elif n_eval > 0:
+        # Split by record (before multi-turn expansion) with a seeded permutation of all train records:
+        # every rank computes the same split, unlike the tool this replaces.
         held = np.zeros(total, dtype=bool)
         held[np.random.default_rng([cfg.seed, 3]).permutation(total)[:n_eval]] = True
         bounds = np.cumsum([0] + n_records)
         train_sel = [np.flatnonzero(~held[bounds[f]: bounds[f + 1]]) for f in range(len(files))]
         eval_sel = [np.flatnonzero(held[bounds[f]: bounds[f + 1]]) for f in range(len(files))]
-    train = _make_dataset(files, train_sel, cfg.multi_turn, weights, cfg.seed)
-    evals = None
-    if cfg.eval_file:
-        arr, hit = load_or_tokenise(cfg.eval_file, tokenizer, max_length=cfg.max_length, truncate=cfg.truncate,
-                                    cache_dir=cfg.cache_dir, rank=rank)
-        evals = _make_dataset([arr], [np.arange(json.loads(str(arr["meta"]))["records"])], cfg.multi_turn, [1.0], cfg.seed)
-        files_for_report, hits = files + [arr], hits + [hit]
-    else:
-        files_for_report = files
-        if eval_sel is not None:
-            evals = _make_dataset(files, eval_sel, cfg.multi_turn, [1.0] * len(files), cfg.seed)
+        evals = _make_dataset(files, eval_sel, cfg.multi_turn, [1.0] * len(files), cfg.seed)
+    train = _make_dataset(files, train_sel, cfg.multi_turn, list(cfg.train_weights) or [1.0] * len(files), cfg.seed)
     if len(train) == 0:
-        raise DataError(f"{cfg.train_files[0] if cfg.train_files else 'data.train_files'}:0: no training samples left")
-    paths = cfg.train_files + ([cfg.eval_file] if cfg.eval_file else [])
-    for line in length_report(cfg, paths, files_for_report, hits, train, evals, tokenizer, micro_batch_size, world_size):
+        raise DataError(f"{cfg.train_files[0]}:0: no training samples left (all dropped as over max_length?)")
+    for line in length_report(cfg, paths, arrays, hits, train, evals, tokenizer, micro_batch_size, world_size):
         log(line)
     return train, evals
+
+
+def _meta(arrays: dict) -> dict:
+    return json.loads(str(arrays["meta"]))
 
 
 def _check_config(cfg: DataConfig) -> None:
@@ -481,7 +488,7 @@ def _check_config(cfg: DataConfig) -> None:
         (cfg.max_length > 0, f"data.max_length: {cfg.max_length} must be positive"),
         (cfg.pad_to in ("longest", "max_length"), f"data.pad_to: {cfg.pad_to!r} is not 'longest' or 'max_length'"),
         (cfg.pad_multiple > 0, f"data.pad_multiple: {cfg.pad_multiple} must be positive"),
-        (cfg.multi_turn in ("last", "all", "random"), f"data.multi_turn: {cfg.multi_turn!r} is not last, all or random"),
+        (cfg.multi_turn in ("last", "all", "random"), f"data.multi_turn: {cfg.multi_turn!r} not last|all|random"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -493,13 +500,14 @@ def length_report(cfg: DataConfig, paths: list[str], files: list[dict], hits: li
     """The short report printed at start: what was read, dropped, truncated, and how long samples are."""
     lines = []
     for path, arr, hit in zip(paths, files, hits):
-        meta = json.loads(str(arr["meta"]))
+        meta = _meta(arr)
         schemas = ", ".join(f"{k} {v}" for k, v in sorted(meta["schemas"].items()))
         drop = arr["dropped_lines"]
         msg = f"data: {path}: {meta['records']} records ({schemas}), {len(arr['prompt_lens'])} turn samples"
         if len(drop):
             more = ", ..." if len(drop) > 5 else ""
-            msg += f"; dropped {len(drop)} over max_length={cfg.max_length} (lines {', '.join(map(str, drop[:5]))}{more})"
+            first = ", ".join(map(str, drop[:5]))
+            msg += f"; dropped {len(drop)} over max_length={cfg.max_length} (lines {first}{more})"
         if arr["truncated"].any():
             msg += f"; truncated {int(arr['truncated'].sum())} responses to max_length (they have no end-of-turn)"
         lines.append(msg + ("  [cache hit]" if hit else ""))
@@ -511,10 +519,8 @@ def length_report(cfg: DataConfig, paths: list[str], files: list[dict], hits: li
     rlen = train.lengths(0) - plen
     pct = lambda x: "/".join(str(int(np.percentile(x, q))) for q in (50, 90, 99)) + f"/{int(x.max())}"  # noqa: E731
     lines.append(f"data: tokens p50/p90/p99/max: prompt {pct(plen)}, response {pct(rlen)}")
-    ids = special_token_ids(tokenizer)
-    it = BatchIterator(train, micro_batch_size, world_size=world_size, seed=cfg.seed, pad_to=cfg.pad_to,
-                       pad_multiple=cfg.pad_multiple, max_length=cfg.max_length, pad_id=ids["pad"],
-                       length_grouping=cfg.length_grouping, check_size=False)
+    it = BatchIterator.from_config(train, cfg, micro_batch_size, world_size=world_size,
+                                   pad_id=special_token_ids(tokenizer)["pad"], check_size=False)
     lines.append(f"data: padding {100 * it.padding_fraction(0):.1f}% of tokens (pad_to={cfg.pad_to}, "
                  f"multiple {cfg.pad_multiple}, micro-batch {micro_batch_size}, length_grouping={cfg.length_grouping})")
     return lines
@@ -554,6 +560,13 @@ class BatchIterator:
         if check_size and self.steps_per_epoch == 0:
             raise DataError(f"data: {len(dataset.epoch_samples(0))} samples per epoch, fewer than one global "
                             f"batch ({micro_batch_size} x {world_size} ranks)")
+
+    @classmethod
+    def from_config(cls, dataset: SFTDataset, cfg: DataConfig, micro_batch_size: int, *, rank: int = 0,
+                    world_size: int = 1, pad_id: int, check_size: bool = True) -> BatchIterator:
+        return cls(dataset, micro_batch_size, rank=rank, world_size=world_size, seed=cfg.seed, pad_to=cfg.pad_to,
+                   pad_multiple=cfg.pad_multiple, max_length=cfg.max_length, pad_id=pad_id,
+                   length_grouping=cfg.length_grouping, check_size=check_size)
 
     @property
     def global_batch(self) -> int:
@@ -615,7 +628,8 @@ class BatchIterator:
 
 
 def eval_batches(dataset: SFTDataset, micro_batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 pad_to: str = "longest", pad_multiple: int = 64, max_length: int = 4096, pad_id: int) -> Iterator[Batch]:
+                 pad_to: str = "longest", pad_multiple: int = 64, max_length: int = 4096,
+                 pad_id: int) -> Iterator[Batch]:
     """Each eval sample exactly once over all ranks, in index order (epoch 0's draw for multi_turn="random").
     Every rank yields the same number of batches, because FSDP/DDP forwards must line up: when the last
     global batch leaves a rank without samples, it gets one filler row with indices == -1 (a copy of sample
@@ -664,7 +678,8 @@ def make_demo_tokenizer(out_dir: str) -> None:
     fast.save_pretrained(out_dir)
     # Keep LLaDA's layout: the template inside tokenizer_config.json and a class name transformers 4.x knows.
     cfg_path = os.path.join(out_dir, "tokenizer_config.json")
-    cfg = json.load(open(cfg_path))
+    with open(cfg_path) as f:
+        cfg = json.load(f)
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=LLAMA3_TEMPLATE, model_max_length=4096)
     cfg.pop("backend", None)
     with open(cfg_path, "w") as f:
