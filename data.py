@@ -632,16 +632,17 @@ def eval_batches(dataset: SFTDataset, micro_batch_size: int, *, rank: int = 0, w
                  pad_id: int) -> Iterator[Batch]:
     """Each eval sample exactly once over all ranks, in index order (epoch 0's draw for multi_turn="random").
     Every rank yields the same number of batches, because FSDP/DDP forwards must line up: when the last
-    global batch leaves a rank without samples, it gets one filler row with indices == -1 (a copy of sample
-    0) that callers must leave out of their sums."""
+    global batch leaves a rank without samples, it gets one filler row (a copy of sample 0) marked with
+    indices == -1 and answer_lengths == 0, which callers leave out of their sums."""
     n, G = len(dataset), micro_batch_size * world_size
     for start in range(0, n, G):
         rows = np.arange(start + rank * micro_batch_size, min(start + (rank + 1) * micro_batch_size, n))
         filler = len(rows) == 0
         batch = collate(dataset, rows if not filler else np.zeros(1, dtype=np.int64), 0, pad_to=pad_to,
                         pad_multiple=pad_multiple, max_length=max_length, pad_id=pad_id)
-        if filler:
+        if filler:  # answer_lengths 0 means nothing in it is scored (diffusion.validation_sums skips it)
             batch.indices.fill_(-1)
+            batch.answer_lengths.zero_()
         yield batch
 
 

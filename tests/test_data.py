@@ -239,6 +239,9 @@ def test_eval_batches_each_sample_once(tmp_path, tok, ids):
     assert [len(b) for b in per_rank] == [data.eval_steps(7, 2, 3)] * 3  # lock-step across ranks
     seen = [i for batches in per_rank for b in batches for i in b.indices.tolist() if i >= 0]
     assert sorted(seen) == list(range(7))
+    fillers = [(b.indices == -1) for batches in per_rank for b in batches]
+    assert sum(int(f.sum()) for f in fillers) == 2  # 7 = 6 + 1: ranks 1 and 2 get a filler row in step 2
+    assert all((b.answer_lengths[b.indices == -1] == 0).all() for batches in per_rank for b in batches)
 
 
 # ----------------------------------------------------------------------------- cache
