@@ -442,8 +442,10 @@ def save_checkpoint(out_dir: str | os.PathLike, config: LLaDAConfig, state_dict:
     tokenizer / remote-code files of source_dir. Everything goes to a temporary sibling directory that is
     renamed into place at the end, so an interrupted save never looks like a complete checkpoint."""
     out = Path(out_dir).absolute()
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise CheckpointError(f"{out}: exists, is not empty and is not a checkpoint; refusing to overwrite")
+    # Replace only an empty directory or a previous export (config + weights), never e.g. a run directory.
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (
+            (out / "config.json").exists() and ((out / INDEX_NAME).exists() or (out / SINGLE_NAME).exists()))):
+        raise CheckpointError(f"{out}: exists and is not an earlier checkpoint export; refusing to overwrite")
     state = {k: v for k, v in state_dict.items()
              if not (config.weight_tying and k == "model.transformer.ff_out.weight")}
     # Plan the shards first: the file names carry the shard count.
@@ -469,7 +471,7 @@ def save_checkpoint(out_dir: str | os.PathLike, config: LLaDAConfig, state_dict:
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     if source_dir and Path(source_dir).is_dir():
         for f in sorted(Path(source_dir).iterdir()):
-            if f.is_file() and f.suffix in COPY_SUFFIXES and f.name not in ("config.json", INDEX_NAME):
+            if f.is_file() and f.suffix in COPY_SUFFIXES and f.name != "config.json" and not f.name.endswith(".index.json"):
                 shutil.copy2(f, tmp / f.name)
     cfg = config.to_dict()
     cfg["architectures"] = ["LLaDAModelLM"]
