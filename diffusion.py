@@ -291,7 +291,8 @@ def validation_sums(model: nn.Module, batches: Iterable["Batch"], *, mask_id: in
         B, L = ids.shape
         answer = response_mask(ids, batch.prompt_lengths, batch.answer_lengths, "ignore")  # [B, L]
         attention_mask = padding_attention_mask(ids, batch.prompt_lengths + batch.answer_lengths)
-        lengths = [int(n) for n in batch.answer_lengths]
+        # indices -1 mark filler rows (ranks kept in step by data.eval_batches): scored as empty answers
+        lengths = [int(n) if int(i) >= 0 else 0 for n, i in zip(batch.answer_lengths, batch.indices)]
         masks = torch.zeros(draws, B, L, dtype=torch.bool)  # [D, B, L]
         counts = torch.ones(draws, B, dtype=torch.float64)  # [D, B]
         for b, T in enumerate(lengths):

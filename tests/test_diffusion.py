@@ -442,3 +442,33 @@ def test_left_padded_batch_equals_single_prompts():
     out = generate(model, batch, attention_mask=mask, **kw)
     assert torch.equal(out[0, 2:], generate(model, short, **kw)[0])
     assert torch.equal(out[1], generate(model, long, **kw)[0])
+
+
+# ---------------------------------------------------------------------------------------------- with model.py
+
+
+def test_with_llada_model_loss_and_validation():
+    model_py = pytest.importorskip("model")
+    config = model_py.LLaDAConfig.from_name("tiny", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                                            mlp_hidden_size=96, vocab_size=40, mask_token_id=MASK)
+    model = model_py.LLaDA.from_config(config, seed=0)
+    batch = random_batch(B=3, L=16, vocab=40, seed=7)
+    for cfg in (DiffusionConfig(loss_chunk_size=4), DiffusionConfig(pad_policy="ignore", complementary=True)):
+        noisy = noise_batch(batch, sample_times(3, "uniform", make_generator(1)), cfg=cfg, mask_id=MASK,
+                            generator=make_generator(1, 0))
+        values = []
+        for fn in (loss_sum, naive_loss_sum):
+            model.zero_grad()
+            value = fn(model, noisy, cfg)
+            value.backward()
+            values.append((value.detach(), model.model.transformer.blocks[0].q_proj.weight.grad.clone(),
+                           model.model.transformer.ff_out.weight.grad.clone()))
+        for a, b in zip(*values):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max() / b.abs().max()
+    # validation: extra padding columns and a filler row (index -1) change nothing
+    whole = validation_sums(model, [batch], mask_id=MASK, draws=3, seed=0)
+    padded_ids = torch.cat([batch.input_ids, torch.zeros(3, 5, dtype=torch.long)], 1)
+    filler = FakeBatch(padded_ids[:1], batch.prompt_lengths[:1], batch.answer_lengths[:1], torch.tensor([-1]))
+    padded = FakeBatch(padded_ids, batch.prompt_lengths, batch.answer_lengths, batch.indices)
+    again = validation_sums(model, [padded, filler], mask_id=MASK, draws=3, seed=0)
+    assert torch.allclose(whole, again, rtol=1e-5)
