@@ -129,8 +129,14 @@ def _all_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Checkpoint keys are the plain model's, not DDP's `module.`-prefixed ones."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights a checkpoint must hold: every parameter that trains (all of them, or only LoRA's)."""
+    model = _unwrap(model)
     return {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -223,6 +229,7 @@ def load_checkpoint(
         _load_sharded(path / "dcp", model, optimizer)
     else:
         weights = load_file(path / "model.safetensors")
+        model = _unwrap(model)
         expected = {name for name, p in model.named_parameters() if p.requires_grad}
         if set(weights) != expected:
             missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)

@@ -218,6 +218,7 @@ def build_model(cfg: Config, tokenizer: Any, env: parallel.Dist, mode: str) -> t
             eos_token_id=ids["eos"], pad_token_id=ids["pad"],
         )
         model = LLaDA.from_config(config, dtype=frozen_dtype, device=env.device, seed=cfg.train.seed)
+        model.source_dir = cfg.model.tokenizer  # so the export carries the tokenizer files
         export_dtype = torch.float32
     if cfg.checkpoint.export_dtype != "auto":
         export_dtype = DTYPES[cfg.checkpoint.export_dtype]
@@ -320,7 +321,8 @@ def train(cfg: Config) -> int:
 
     # --- tokenizer and data --------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    train_set, eval_set = build_datasets(cfg.data, tokenizer, rank=env.rank, world_size=env.world_size, log=print0)
+    train_set, eval_set = build_datasets(cfg.data, tokenizer, rank=env.rank, world_size=env.world_size, log=print0,
+                                         micro_batch_size=cfg.train.micro_batch_size)
     pad_id = special_token_ids(tokenizer)["pad"]
     micro_bs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     global_batch = micro_bs * accum * env.world_size
@@ -329,7 +331,7 @@ def train(cfg: Config) -> int:
         pad_multiple=cfg.data.pad_multiple, max_length=cfg.data.max_length, pad_id=pad_id,
         length_grouping=cfg.data.length_grouping,
     )
-    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(train_set) / global_batch)
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * batches.steps_per_epoch / accum)
     print0(f"{len(train_set)} training samples, global batch {global_batch} "
            f"({micro_bs} x {accum} accumulation x {env.world_size} ranks), {total_steps} steps")
 
