@@ -86,7 +86,8 @@ def estimate_memory(n_params: int, n_trainable: int, world_size: int, mode: str,
 
 def format_memory(estimate: dict, mode: str, world_size: int) -> str:
     gib = 2**30
-    parts = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in estimate.items())
+    unit, scale = ("GiB", gib) if estimate["total"] >= gib else ("MiB", 2**20)
+    parts = ", ".join(f"{k} {v / scale:.2f} {unit}" for k, v in estimate.items())
     return f"memory per rank ({mode}, {world_size} rank{'s' if world_size > 1 else ''}): {parts}"
 
 
