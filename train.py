@@ -70,6 +70,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss or grad norm
     eval_every: int = 100  # steps between validation estimates (diffusion.eval_draws masks per sequence); 0 = never
+    # Checkpoint and exit after this step, as on SIGTERM, while the LR schedule still runs to max_steps, so a
+    # resumed run continues the same run (time-boxed jobs, resume tests); 0 = run to the end.
+    stop_at_step: int = 0
 
 
 @dataclass
@@ -288,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, checkpoint.CheckpointWriteError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        checkpoint.restore_signal_handlers()
 
 
 def train(cfg: Config) -> int:
@@ -463,16 +468,18 @@ def train(cfg: Config) -> int:
             window = {"time": time.perf_counter(), "tokens": 0, "response": 0, "steps": 0}
 
         # --- checkpoint (before eval, so a failing eval never costs a checkpoint), eval, preemption ------------------
-        stopping = stop.any_rank(env.device)
+        stopping = stop.any_rank(env.device) or step == cfg.train.stop_at_step
         if stopping or step == total_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             path = save(step)
             print0(f"saved {path}")
         if stopping:
-            print0(f"{stop.name or 'signal'}: checkpoint saved at step {step}; exiting. "
+            print0(f"{stop.name or 'train.stop_at_step'}: checkpoint saved at step {step}; exiting. "
                    f"Resume with checkpoint.resume=auto (the default).")
             break
         if eval_set is not None and cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
-            evaluate(wrapped, model, eval_set, tokenizer, cfg, env, step, log, progress, pad_id)
+            # Eval must not move the training RNG: a run resumed from this step's checkpoint skips this eval.
+            with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+                evaluate(wrapped, model, eval_set, tokenizer, cfg, env, step, log, progress, pad_id)
     if progress is not None:
         progress.close()
     log.close()
@@ -599,6 +606,7 @@ def evaluate(wrapped: torch.nn.Module, model: LLaDA, eval_set: Any, tokenizer: A
     if cfg.log.sample_prompts:
         eot = special_token_ids(tokenizer)["eot"]
         samples = []
+        wrapped.eval()  # no LoRA dropout while sampling
         for prompt in cfg.log.sample_prompts:
             ids = torch.tensor([encode_prompt(tokenizer, [{"role": "user", "content": prompt}])], device=env.device)
             out = diffusion.generate(net, ids, steps=cfg.log.sample_steps, gen_length=cfg.log.sample_gen_length,
