@@ -122,23 +122,29 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_
 
 
 def load_full_into_sharded(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Copy full (e.g. mmap-backed) tensors into the model's sharded parameters, each rank slicing only its own part.
+    """Copy full (e.g. mmap-backed) tensors into the model's sharded parameters, each rank reading only its part.
 
-    `src_data_rank=None` makes distribute_tensor slice locally with no communication, so a rank's memory holds its
-    shard plus one full tensor at a time (memory-mapped from disk, not read in full)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    FSDP2 shards every parameter on dim 0 in torch.chunk pieces; a rank copies just its piece (cast to the
+    parameter's dtype, moved to its device), so its memory holds its shard plus one slice in flight, and the
+    rest of the file is never read. Other placements fall back to distribute_tensor."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name not in full:
                 continue
             value = full[name]
-            if isinstance(param, DTensor):
-                local = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
-                                          src_data_rank=None).to_local()
-                param.to_local().copy_(local)
-            else:
+            if not isinstance(param, DTensor):
                 param.copy_(value)
+            elif list(param.placements) == [Shard(0)]:
+                pieces = torch.chunk(value, param.device_mesh.size(), dim=0)
+                rank = param.device_mesh.get_local_rank()
+                local = param.to_local()
+                if local.numel():
+                    local.copy_(pieces[rank])
+            else:
+                param.to_local().copy_(distribute_tensor(value.to(param.dtype), param.device_mesh,
+                                                         param.placements, src_data_rank=None).to_local())
 
 
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
