@@ -92,6 +92,7 @@ class LogConfig:
     sample_prompts: list[str] = field(default_factory=list)  # generated at each eval and written to the log
     sample_gen_length: int = 64
     sample_steps: int = 64
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = datasheet bf16 figure for known GPUs, no MFU on CPU
 
 
 @dataclass
@@ -359,11 +360,12 @@ def train(cfg: Config) -> int:
     scaler = torch.amp.GradScaler(env.device.type) if precision == "fp16" else None
     autocast = (torch.autocast(env.device.type, dtype=DTYPES[precision]) if precision != "fp32" and mode != "fsdp"
                 else nullcontext())
-    flops_per_token = training_flops_per_token(
-        model.config, cfg.data.max_length, frozen_base=cfg.lora.enabled,
-        lora_params=n_trainable if cfg.lora.enabled else 0,
-    )
-    peak_flops = _device_peak_flops(env.device, precision)
+    def model_flops(micro_batches: list[Batch]) -> float:  # this rank's training FLOPs, at each batch's length
+        return sum(b.input_ids.numel() * training_flops_per_token(
+            model.config, b.input_ids.shape[1], frozen_base=cfg.lora.enabled,
+            lora_params=n_trainable if cfg.lora.enabled else 0) for b in micro_batches)
+
+    peak_flops = cfg.log.peak_tflops * 1e12 or _device_peak_flops(env.device, precision)
 
     # --- resume --------------------------------------------------------------------------------------------------
     step, bad_in_row, skipped = 0, 0, 0
@@ -390,7 +392,7 @@ def train(cfg: Config) -> int:
 
     # --- the loop ------------------------------------------------------------------------------------------------
     wrapped.train()
-    window = {"time": time.perf_counter(), "tokens": 0, "response": 0, "steps": 0}
+    window = {"time": time.perf_counter(), "tokens": 0, "response": 0, "flops": 0.0}
     exit_code = 0
     while step < total_steps:
         lr = lr_at(step, total_steps, cfg.optim)
@@ -446,7 +448,7 @@ def train(cfg: Config) -> int:
             else (tokens, response)
         window["tokens"] += tokens
         window["response"] += response
-        window["steps"] += 1
+        window["flops"] += model_flops(micro)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
@@ -457,7 +459,7 @@ def train(cfg: Config) -> int:
                 "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
                 "response_tokens_per_s": window["response"] / elapsed, "epoch": batches.epoch,
                 "peak_memory_gib": _peak_memory(env.device) / 2**30, "skipped_steps": skipped,
-                "mfu": flops_per_token * tok_s / env.world_size / peak_flops if peak_flops else None,
+                "mfu": window["flops"] / elapsed / peak_flops if peak_flops else None,
             }
             log.write(record)
             line = (f"step {step}/{total_steps} | loss {step_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
@@ -465,11 +467,13 @@ def train(cfg: Config) -> int:
             if record["mfu"] is not None:
                 line += f" | MFU {100 * record['mfu']:.1f}%"
             (progress.write if progress is not None else print0)(line)
-            window = {"time": time.perf_counter(), "tokens": 0, "response": 0, "steps": 0}
+            window = {"time": time.perf_counter(), "tokens": 0, "response": 0, "flops": 0.0}
 
         # --- checkpoint (before eval, so a failing eval never costs a checkpoint), eval, preemption ------------------
         stopping = stop.any_rank(env.device) or step == cfg.train.stop_at_step
-        if stopping or step == total_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        # A periodic save waits for a good step, so it never rotates out a good checkpoint for a skipped one.
+        periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and bad_in_row == 0
+        if stopping or step == total_steps or periodic:
             path = save(step)
             print0(f"saved {path}")
         if stopping:

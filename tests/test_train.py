@@ -134,3 +134,16 @@ def test_two_ranks_match_one_process(tmp_path):
     single, ddp = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     for name in single:
         torch.testing.assert_close(single[name], ddp[name], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
+    # lr 1e30: the first update blows the weights up, every later loss is non-finite.
+    args = tiny_args(tmp_path, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.schedule": "constant",
+                                  "train.max_steps": 6, "train.max_bad_steps": 2, "checkpoint.every": 1})
+    assert train.main(args) == 3
+    out = capsys.readouterr().out
+    assert "2 consecutive non-finite steps (train.max_bad_steps); stopping" in out
+    assert "step skipped (1 in a row, 1 in all)" in out
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_000001"]  # the last good checkpoint stays
+    assert not (run / "final").exists()
