@@ -9,12 +9,16 @@ A checkpoint is a directory `run_dir/step_000200/`. Everything a resumed run nee
     optimizer.pt        AdamW state and, with fp16, the GradScaler state
     dcp/                FSDP only: model and optimizer, sharded, via torch.distributed.checkpoint (replaces the
                         two files above, so no rank ever gathers the whole training state)
-    rng_rank{r}.pt      every RNG rank r uses: Python, numpy, torch CPU and CUDA. The generators that draw t and
-                        the masks are not stored: they are re-seeded from (seed, step, sample slot) every step.
+    scaler.pt           FSDP with fp16 only: the GradScaler state
+    rng_rank{r}.pt      every RNG rank r uses: Python, numpy, torch CPU and CUDA (LoRA dropout draws from torch's).
+                        The generators that draw t and the masks are not stored: they are re-seeded from
+                        (seed, step, sample slot) every step, so the step number restores them.
 
-Writes go to `step_000200.tmp/`, every file is fsynced, and the directory is renamed only when complete, so a
-crash mid-write leaves at worst a `.tmp` directory, which is ignored and removed by the next run. Older
-checkpoints beyond `keep_last` are deleted only after the new one is renamed into place.
+Writes go to `step_000200.tmp/`; each rank fsyncs what it wrote, rank 0 writes trainer.json, fsyncs the directory
+and renames it, so a crash mid-write leaves at worst a `.tmp` directory, which resume ignores and the next run
+removes. Checkpoints beyond `keep_last`, and any of a later step (left by a run this one rewound), are deleted only
+after the new one is renamed into place, and a directory is always renamed to `.old` before it is deleted, so a
+crash mid-delete never leaves a `step_XXXXXX/` that looks complete but is not.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
 class CheckpointWriteError(RuntimeError):
-    """Saving failed; the previous checkpoints are untouched."""
+    """Saving failed (or a resume path is not a checkpoint); the previous checkpoints are untouched."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,9 +76,19 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
 
 
 def remove_incomplete(run_dir: str | Path) -> None:
-    """Delete `.tmp` directories left by a crash during a write (rank 0 only, before training)."""
-    for entry in Path(run_dir).glob("step_*.tmp"):
-        shutil.rmtree(entry, ignore_errors=True)
+    """Delete `.tmp` (crash during a write) and `.old` (crash during a delete) directories; rank 0, before training."""
+    for pattern in ("step_*.tmp", "step_*.old"):
+        for entry in Path(run_dir).glob(pattern):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _delete(path: Path) -> None:
+    """Rename, then delete: a crash part way leaves a `.old` directory, never a broken `step_XXXXXX/`."""
+    doomed = path.with_name(path.name + ".old")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,7 +107,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,52 +167,83 @@ def save_checkpoint(
     fsdp: bool = False,
     rank: int = 0,
 ) -> Path:
-    """Write step_{step:06d}/ atomically on all ranks; returns its path. Raises CheckpointWriteError on failure."""
+    """Write step_{step:06d}/ atomically on all ranks; returns its path. Raises CheckpointWriteError on failure.
+
+    Every rank takes part in the same collectives whatever fails where, so a failure on one rank stops all of
+    them with the same error instead of leaving the others waiting.
+    """
     run_dir = Path(run_dir)
     final = run_dir / f"step_{step:06d}"
     tmp = run_dir / f"step_{step:06d}.tmp"
-    error: BaseException | None = None
-    try:
-        if rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        _barrier()
-        if fsdp:
+
+    def fresh_tmp() -> None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+
+    def write_parts() -> None:
+        written = [tmp / f"rng_rank{rank}.pt"]
+        if fsdp:  # collective; the storage writer fsyncs its own files
             _save_sharded(tmp / "dcp", model, optimizer)
+            if rank == 0 and scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+                written.append(tmp / "scaler.pt")
         elif rank == 0:
             save_file(trainable_state_dict(model), tmp / "model.safetensors")
-            torch.save(
-                {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-                tmp / "optimizer.pt",
-            )
+            torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+                       tmp / "optimizer.pt")
+            written += [tmp / "model.safetensors", tmp / "optimizer.pt"]
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    except (OSError, RuntimeError) as exc:  # disk full, permissions, a failing storage writer
-        error = exc
-    ok = _all_ok(error is None)
-    if ok and rank == 0:
-        try:
-            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, default=str))
-            for path in tmp.rglob("*"):
-                if path.is_file():
-                    _fsync_file(path)
-            if final.exists():  # a stale copy of this step (resumed past it, then crashed): replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(run_dir)
-        except OSError as exc:
-            error, ok = exc, False
-    ok = _all_ok(ok)
+        for path in written:  # each rank flushes its own files: on a shared filesystem only the writer can
+            _fsync_file(path)
+
+    def commit() -> None:  # rank 0, once every rank's part is on disk
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, default=str))
+        _fsync_file(tmp / "trainer.json")
+        for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            _fsync_dir(directory)
+        if final.exists():  # a stale copy of this step (resumed from an earlier one): replace it
+            _delete(final)
+        os.rename(tmp, final)
+        _fsync_dir(run_dir)
+
+    error = _attempt(fresh_tmp) if rank == 0 else None
+    ok = _all_ok(error is None)  # also the barrier: the directory exists before any rank writes into it
+    if ok:
+        error = _attempt(write_parts)
+        ok = _all_ok(error is None)
+    if ok:
+        error = _attempt(commit) if rank == 0 else None
+        ok = _all_ok(error is None)
     if not ok:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         reason = f"{type(error).__name__}: {error}" if error else "another rank failed to write its part"
         raise CheckpointWriteError(f"saving checkpoint {final} failed ({reason}); earlier checkpoints are intact")
-    if rank == 0 and keep_last > 0:
-        for _, old in complete_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        found = complete_checkpoints(run_dir)
+        # Later steps belong to a run this one does not continue (it resumed from an earlier checkpoint): left in
+        # place, resume="auto" would pick them up after the next crash, and keep_last would delete ours instead.
+        later = [path for s, path in found if s > step]
+        ours = [path for s, path in found if s <= step]
+        for old in later + (ours[:-keep_last] if keep_last > 0 else []):
+            try:
+                if old in later:
+                    print(f"removing {old}: a later checkpoint of the run this one replaced", flush=True)
+                _delete(old)
+            except OSError as exc:  # the new checkpoint is safe; a leftover old one is only clutter
+                print(f"warning: could not delete old checkpoint {old}: {exc}", file=sys.stderr, flush=True)
     _barrier()
     return final
+
+
+def _attempt(fn: Any) -> BaseException | None:
+    """Run fn; return the exception it raised (disk full, permissions, a failing storage writer), or None."""
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -227,6 +273,8 @@ def load_checkpoint(
     trainer_state = json.loads((path / "trainer.json").read_text())
     if fsdp:
         _load_sharded(path / "dcp", model, optimizer)
+        if scaler is not None and (path / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
     else:
         weights = load_file(path / "model.safetensors")
         model = _unwrap(model)
@@ -278,6 +326,16 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], keys: lis
 # Preemption: SIGTERM (SLURM, torchrun) and SIGINT (Ctrl-C)
 
 
+_previous_handlers: dict[int, Any] = {}
+
+
+def restore_signal_handlers() -> None:
+    """Put back the handlers StopSignal.install replaced (train.main called in-process, e.g. by tests)."""
+    while _previous_handlers:
+        sig, handler = _previous_handlers.popitem()
+        signal.signal(sig, handler)
+
+
 class StopSignal:
     """The first SIGTERM/SIGINT asks the loop to finish its optimizer step, save and exit; a second exits at once."""
 
@@ -287,7 +345,7 @@ class StopSignal:
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            _previous_handlers.setdefault(sig, signal.signal(sig, self._handle))
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
