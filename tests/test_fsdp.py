@@ -59,8 +59,9 @@ def test_fsdp_matches_one_process_resumes_and_exports(tmp_path):
     assert worker["local"] < 0.6 * worker["total"]  # each rank holds about half
 
 
-def test_fsdp_with_lora_matches_one_process(tmp_path):
-    common = {"train.max_steps": 2, "checkpoint.every": 0, "data.pad_to": "max_length", "lora.enabled": True, "lora.r": 4, "lora.alpha": 8,
+def test_fsdp_with_lora_and_activation_checkpointing_matches_one_process(tmp_path):
+    common = {"train.max_steps": 2, "checkpoint.every": 0, "data.pad_to": "max_length", "lora.enabled": True,
+              "model.gradient_checkpointing": True, "lora.r": 4, "lora.alpha": 8,
               "lora.dropout": 0.0, "optim.lr": 1e-2, "optim.eps": 1e-3}  # eps: see test_accumulation_...
     assert train.main(tiny_args(tmp_path, "single", **common, **{"train.micro_batch_size": 4})) == 0
     torchrun(tiny_args(tmp_path, "fsdp", **common, **{"train.micro_batch_size": 2, "parallel.mode": "fsdp"}))
