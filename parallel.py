@@ -49,9 +49,12 @@ def init_distributed() -> Dist:
 
 
 def close_distributed() -> None:
+    """Wait for every rank, then tear down NCCL. A gloo group is left to process exit: destroying it right after
+    the last collective sometimes aborts the process ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # gloo can abort at teardown if a peer is still mid-collective
-        dist.destroy_process_group()
+        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -35,7 +35,7 @@ def test_fsdp_matches_one_process_resumes_and_exports(tmp_path):
     assert (tmp_path / "fsdp" / "step_000004" / "dcp").is_dir()
 
     # Interrupted at step 2, resumed from the sharded checkpoint: the same run as the uninterrupted one.
-    torchrun(tiny_args(tmp_path, "resumed", **{**fsdp, "train.max_steps": 2}))
+    torchrun(tiny_args(tmp_path, "resumed", **{**fsdp, "train.stop_at_step": 2}))
     torchrun(tiny_args(tmp_path, "resumed", **fsdp))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")
     resumed = export_weights(tmp_path / "resumed")
