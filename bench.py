@@ -173,7 +173,7 @@ def write_mixed_demo(path: str, n: int = 2000, seed: int = 0) -> None:
 # Device peak and memory
 
 
-def cpu_matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+def cpu_matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """Best-of-reps rate of an n x n x n matmul: what this CPU's BLAS delivers in this precision."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b  # warm-up: thread pool, packing buffers
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
     if peak is None and args.device == "cpu":
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
         peak = cpu_matmul_tflops(dtype)
-        print(f"CPU peak: {peak:.3f} TFLOP/s measured ({args.precision} 2048x2048 matmul, {torch.get_num_threads()} threads)")
+        print(f"CPU peak: {peak:.3f} TFLOP/s measured ({args.precision} 2048x2048 matmul, "
+              f"{torch.get_num_threads()} threads)")
     extra = ["--peak-tflops", str(peak)] if peak else []
     tmp = None
     if args.mixed_demo:
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(describe(first))
     result: dict = {"runs": runs}
     if args.data:
-        print(f"data {'a generated mixed-length demo file' if args.mixed_demo else args.data}, max_length {args.max_length}, {args.steps} timed steps (+{args.warmup} warm-up)")
+        source = "a generated mixed-length demo file" if args.mixed_demo else args.data
+        print(f"data {source}, max_length {args.max_length}, {args.steps} timed steps (+{args.warmup} warm-up)")
         for name, r in runs.items():
             print(f"pad_to={name:<10} real tokens/s {r['tokens_per_s']:9.0f}  real-token fraction "
                   f"{r['real_token_fraction']:.2f}  mean padded length {r['mean_padded_len']:.0f}  "
@@ -426,7 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 _SUMMARY = ("median_step_s", "tokens_per_s", "peak_mem_gb", "step_mem_gb", "mfu", "mfu_model_flops", "masked_fraction",
-            "params", "trainable", "batch", "seq_len", "precision", "device", "gpu", "reserved_gb", "losses", "round_medians")
+            "params", "trainable", "batch", "seq_len", "precision", "device", "gpu", "reserved_gb", "losses",
+            "round_medians")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ LOG="${OUT:+$OUT/}gpu_bench.log"
 PY="${PYTHON:-python3}"
 BUDGET=${BUDGET:-480}  # seconds for the whole script; optional runs start only if they fit
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # less fragmentation at 4096 tokens
+export PYTHONUNBUFFERED=1  # progress lines reach the log as they happen
 PEAK=${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS}
 
 run() {  # run LIMIT_SECONDS bench-args...: one measurement, killed after LIMIT_SECONDS
   local limit=$1
   shift
   echo "=== [${SECONDS}s] python bench.py $* --device cuda  (timeout ${limit}s)"
-  timeout -k 10 "$limit" "$PY" bench.py "$@" --device cuda $PEAK 2>&1 | grep -v '^BENCH_JSON'
+  timeout -k 10 "$limit" "$PY" bench.py "$@" --device cuda $PEAK 2>&1 | grep --line-buffered -v '^BENCH_JSON'
   echo "=== exit ${PIPESTATUS[0]} after ${SECONDS}s"
 }
 
