@@ -35,7 +35,7 @@ class DiffusionConfig:
     weighting: str = "elbo"  # "elbo": weight 1/p per masked token (official) | "none": plain cross-entropy
     normalizer: str = "sequence"  # "sequence": per-sequence sum / answer length, mean over sequences (official)
     #                               "token": / response tokens in the step | "masked": / masked tokens in the step
-    loss_chunk_size: int = 1024  # masked positions per LM-head + cross-entropy chunk (memory ~ chunk * vocab * 4 B)
+    loss_chunk_size: int = 512  # masked positions per LM-head + CE chunk: 512 x 126464 x 4 B = 259 MB of fp32 logits
     eval_draws: int = 8  # validation: stratified masked-count draws per sequence
     eval_seed: int = 0  # validation: seed of the masks, fixed so every evaluation scores the same noise
 
@@ -245,27 +245,35 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             for s in range(0, hidden.shape[0], chunk_size):
                 h_c, t_c, w_c = h[s:s + chunk_size], targets[s:s + chunk_size], weights[s:s + chunk_size].float()
                 logits = (h_c @ w.T).float()  # [n, V] float32
-                lse = torch.logsumexp(logits, dim=-1)  # [n]
-                loss += ((lse - logits.gather(1, t_c[:, None]).squeeze(1)) * w_c).sum()
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                target_logit = logits.gather(1, t_c[:, None]).squeeze(1)  # [n]
+                # logsumexp in place: torch.logsumexp would allocate a second [n, V] buffer
+                m = logits.amax(dim=-1, keepdim=True)  # [n, 1]
+                sumexp = logits.sub_(m).exp_().sum(dim=-1, keepdim=True)  # [n, 1]; logits now exp(x - m)
+                lse = (m + sumexp.log()).squeeze(1)  # [n]
+                loss += ((lse - target_logit) * w_c).sum()
+                grad_logits = logits.div_(sumexp)  # softmax, in place of the logits
                 grad_logits.scatter_add_(1, t_c[:, None], -torch.ones_like(grad_logits[:, :1]))
                 grad_logits = grad_logits.mul_(w_c[:, None]).to(dtype)  # [n, V]
                 if need_hidden:
                     grad_hidden[s:s + chunk_size] = grad_logits @ w
                 if need_weight:
-                    grad_weight += (grad_logits.T @ h_c).float()
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.T, h_c)  # in place: no [V, d] temporary
+                    else:
+                        grad_weight += (grad_logits.T @ h_c).float()
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.grads = (grad_hidden, grad_weight)  # intermediates, not inputs: scaled in place in backward
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+            grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = grad_weight * grad_output.to(grad_weight.dtype)
+            grad_weight.mul_(grad_output.to(grad_weight.dtype))
         return grad_hidden, grad_weight, None, None, None
 
 
