@@ -64,7 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--grad-ckpt", action="store_true", help="per-block activation checkpointing")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
-    p.add_argument("--chunk-size", type=int, default=1024, help="diffusion.loss_chunk_size (masked rows per head chunk)")
+    p.add_argument("--chunk-size", type=int, default=DiffusionConfig().loss_chunk_size, help="diffusion.loss_chunk_size (masked rows per head chunk)")
     p.add_argument("--compare", action="store_true", help="also run the naive full-logits loss; print the ratios")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table or measured)")

@@ -36,6 +36,15 @@ optional() {  # optional LIMIT_SECONDS bench-args...: only if LIMIT_SECONDS stil
 main() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  # The trainer itself on CUDA: bf16 autocast + fused AdamW (DDP path), bf16 base + LoRA, and FSDP2 on one rank.
+  TINY="configs/tiny.toml train.max_steps=60 train.eval_every=60 checkpoint.every=30 log.every=20 log.progress=false"
+  for extra in "train.run_dir=/tmp/smoke_full" "train.run_dir=/tmp/smoke_lora lora.enabled=true lora.r=8 lora.alpha=16"; do
+    echo "=== [${SECONDS}s] train.py smoke: $extra"
+    timeout -k 10 90 "$PY" train.py $TINY train.precision=bf16 $extra 2>&1 | grep -E '^(step|saved|export|model|memory|error)|Error' | tail -8
+  done
+  echo "=== [${SECONDS}s] train.py smoke: FSDP2 on 1 rank (torchrun, NCCL)"
+  timeout -k 10 90 "$PY" -m torch.distributed.run --nproc_per_node=1 train.py $TINY train.precision=bf16 \
+    parallel.mode=fsdp train.run_dir=/tmp/smoke_fsdp 2>&1 | grep -E '^(step|saved|export|model|memory|error)|Error' | tail -8
   COMMON="--steps 5 --warmup 2 --precision bf16"
   run 150 --size llada-8b --seq-len 4096 --batch 1 --lora --lora-r 32 --grad-ckpt $COMMON
   run 110 --size llada-1b --seq-len 4096 --batch 4 $COMMON
