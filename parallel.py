@@ -41,8 +41,9 @@ def init_distributed() -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even with one process (FSDP needs it)
+        # On GPUs, gloo serves the CPU-tensor collectives that torch.distributed.checkpoint issues beside NCCL.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)
     return Dist(rank, local_rank, world_size, device)
@@ -53,7 +54,7 @@ def close_distributed() -> None:
     the last collective sometimes aborts the process ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        if dist.get_backend() == "nccl":
+        if "nccl" in dist.get_backend():
             dist.destroy_process_group()
 
 

@@ -346,6 +346,8 @@ def train(cfg: Config) -> int:
         else None
     mode = parallel.choose_mode(cfg.parallel.mode, n_params_meta or 0, 0 if cfg.lora.enabled else (n_params_meta or 0),
                                 env.device, env.world_size, 2 if cfg.lora.enabled else 4)
+    if mode == "fsdp" and not dist.is_initialized():
+        raise ConfigError("parallel.mode = fsdp: launch with torchrun (also for a single process)")
     model, export_dtype = build_model(cfg, tokenizer, env, mode)
     mask_id = model.config.mask_token_id
     n_params = sum(p.numel() for p in model.parameters())
