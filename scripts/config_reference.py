@@ -14,17 +14,24 @@ import train  # noqa: E402
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The `# ...` text beside each field, with the comment-only lines that continue it."""
-    comments, current = {}, None
+    """The `# ...` text beside each field. Comment-only lines between two fields continue the comment of the field
+    above, or, when the field below has no comment of its own, describe that one."""
+    comments: dict[str, str] = {}
+    previous, pending = None, []
     for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+)\s*:.*?#\s?(.*)$", line)
-        if match:
-            current = match.group(1)
-            comments[current] = match.group(2).strip()
-        elif current and re.match(r"\s+#", line):
-            comments[current] += " " + line.strip().lstrip("#").strip()
-        elif re.match(r"\s+(\w+)\s*:", line):
-            current = None
+        if re.match(r"\s+#", line):
+            pending.append(line.strip().lstrip("#").strip())
+            continue
+        match = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s?(.*))?$", line)
+        if not match:
+            continue
+        name, inline = match.group(1), (match.group(2) or "").strip()
+        if inline and previous and pending:
+            comments[previous] += " " + " ".join(pending)
+        comments[name] = inline or " ".join(pending)
+        previous, pending = name, []
+    if previous and pending:
+        comments[previous] += " " + " ".join(pending)
     return comments
 
 

@@ -67,3 +67,15 @@ def test_errors_name_the_key(tmp_path, text, overrides, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.toml: config file not found"):
         load_config(Root, "nope.toml")
+
+
+def test_readme_config_reference_is_current():
+    """The README's key tables are scripts/config_reference.py's output: a new or renamed key shows up here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    generated = subprocess.run([sys.executable, str(root / "scripts" / "config_reference.py")], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    assert generated in (root / "README.md").read_text()
