@@ -123,11 +123,15 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.
     return result
 
 
-def test_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_two_ranks_match_one_process(tmp_path, lora):
     # Fixed-length batches: with pad_to=longest each rank pads to its own longest sample, and supervised EOS
     # padding makes the loss depend on that length.
     common = {"train.max_steps": 3, "checkpoint.every": 0, "diffusion.time_sampling": "stratified",
               "data.pad_to": "max_length", "train.grad_accum_steps": 2}
+    if lora:  # DDP over a frozen base: only the adapter's gradients are all-reduced
+        common.update({"lora.enabled": True, "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0, "optim.lr": 1e-2,
+                       "optim.eps": 1e-3})
     assert train.main(tiny_args(tmp_path, "single", **common, **{"train.micro_batch_size": 4})) == 0
     torchrun(tiny_args(tmp_path, "ddp", **common, **{"train.micro_batch_size": 2}))
     assert losses(tmp_path / "single") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5)
