@@ -39,9 +39,8 @@ import torch
 
 from diffusion import DiffusionConfig, loss_sum, make_generator, naive_loss_sum, noise_batch, normalizer_count, sample_times
 from model import LLaDA, LLaDAConfig, MODEL_SIZES, training_flops_per_token
+from train import GPU_PEAK_BF16
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
-GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 GB = 2**30
 
 
@@ -187,8 +186,9 @@ def cpu_matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> floa
 
 def gpu_peak_tflops(precision: str) -> float | None:
     name = torch.cuda.get_device_name()
-    for key, peak in GPU_PEAK_BF16_TFLOPS.items():
+    for key, peak in GPU_PEAK_BF16.items():  # the trainer's datasheet table, FLOP/s
         if key in name:
+            peak /= 1e12
             return peak if precision == "bf16" else peak / 2  # fp32 runs as TF32 here: half the bf16 rate
     return None
 
