@@ -49,6 +49,10 @@ class DataConfig:
     #   "all" (every assistant turn is its own sample). "random" is the default because LLaDA's recipe uses it.
     truncate: bool = False  # over-long samples: false = drop (counted); true = cut the response (no <|eot_id|>)
     length_grouping: bool = True  # pad_to=longest: batch samples of similar length (windows of 64 global batches)
+    # pad_to=longest: add 0..N more EOS positions to each micro-batch (seeded by step). Without it a batch ends
+    # right after its longest answer, so the model never sees long EOS runs and can learn to place the end of
+    # its answer by where the canvas ends; sampling with a longer gen_length then cuts answers short.
+    extra_padding: int = 0
     cache_dir: str = ".cache/data"  # tokenised arrays are stored here; "" = no cache
     seed: int = 0  # eval split, shuffling, multi-turn draws and weight subsampling
 
@@ -488,6 +492,8 @@ def _check_config(cfg: DataConfig) -> None:
         (cfg.max_length > 0, f"data.max_length: {cfg.max_length} must be positive"),
         (cfg.pad_to in ("longest", "max_length"), f"data.pad_to: {cfg.pad_to!r} is not 'longest' or 'max_length'"),
         (cfg.pad_multiple > 0, f"data.pad_multiple: {cfg.pad_multiple} must be positive"),
+        (cfg.extra_padding >= 0, f"data.extra_padding: {cfg.extra_padding} must be >= 0"),
+        (cfg.extra_padding == 0 or cfg.pad_to == "longest", "data.extra_padding: only applies to pad_to = 'longest'"),
         (cfg.multi_turn in ("last", "all", "random"), f"data.multi_turn: {cfg.multi_turn!r} not last|all|random"),
     ]
     for ok, msg in checks:
@@ -522,17 +528,18 @@ def length_report(cfg: DataConfig, paths: list[str], files: list[dict], hits: li
     it = BatchIterator.from_config(train, cfg, micro_batch_size, world_size=world_size,
                                    pad_id=special_token_ids(tokenizer)["pad"], check_size=False)
     lines.append(f"data: padding {100 * it.padding_fraction(0):.1f}% of tokens (pad_to={cfg.pad_to}, "
-                 f"multiple {cfg.pad_multiple}, micro-batch {micro_batch_size}, length_grouping={cfg.length_grouping})")
+                 f"multiple {cfg.pad_multiple}, micro-batch {micro_batch_size}, length_grouping={cfg.length_grouping}"
+                 + (f", extra_padding {cfg.extra_padding})" if cfg.extra_padding else ")"))
     return lines
 
 
 # ----------------------------------------------------------------------------- batching
 
 def collate(dataset: SFTDataset, indices: np.ndarray, epoch: int, *, pad_to: str, pad_multiple: int,
-            max_length: int, pad_id: int) -> Batch:
+            max_length: int, pad_id: int, extra: int = 0) -> Batch:
     seqs = [dataset.sample(int(i), epoch) for i in indices]
     longest = max(len(s) for s, _ in seqs)
-    L = max_length if pad_to == "max_length" else min(-(-longest // pad_multiple) * pad_multiple, max_length)
+    L = max_length if pad_to == "max_length" else min(-(-longest // pad_multiple) * pad_multiple + extra, max_length)
     ids = np.full((len(seqs), max(L, longest)), pad_id, dtype=np.int64)  # [B, L] EOS padding is supervised
     for b, (s, _) in enumerate(seqs):
         ids[b, : len(s)] = s
@@ -551,10 +558,12 @@ class BatchIterator:
 
     def __init__(self, dataset: SFTDataset, micro_batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, pad_to: str = "longest", pad_multiple: int = 64, max_length: int = 4096,
-                 pad_id: int, length_grouping: bool = False, group_window: int = 64, check_size: bool = True):
+                 pad_id: int, length_grouping: bool = False, group_window: int = 64, extra_padding: int = 0,
+                 check_size: bool = True):
         self.dataset, self.mbs, self.rank, self.world_size = dataset, micro_batch_size, rank, world_size
         self.seed, self.pad_to, self.pad_multiple, self.max_length = seed, pad_to, pad_multiple, max_length
         self.pad_id, self.length_grouping, self.group_window = pad_id, length_grouping, group_window
+        self.extra_padding = extra_padding if pad_to == "longest" else 0
         self.epoch, self.offset = 0, 0  # position of the NEXT global batch
         self._plan_cache: tuple[int, np.ndarray] | None = None
         if check_size and self.steps_per_epoch == 0:
@@ -566,7 +575,7 @@ class BatchIterator:
                     world_size: int = 1, pad_id: int, check_size: bool = True) -> BatchIterator:
         return cls(dataset, micro_batch_size, rank=rank, world_size=world_size, seed=cfg.seed, pad_to=cfg.pad_to,
                    pad_multiple=cfg.pad_multiple, max_length=cfg.max_length, pad_id=pad_id,
-                   length_grouping=cfg.length_grouping, check_size=check_size)
+                   length_grouping=cfg.length_grouping, extra_padding=cfg.extra_padding, check_size=check_size)
 
     @property
     def global_batch(self) -> int:
@@ -598,6 +607,13 @@ class BatchIterator:
             self._plan_cache = (epoch, batches)
         return self._plan_cache[1]
 
+    def extras(self, epoch: int) -> np.ndarray:
+        """[steps_per_epoch] extra EOS positions of each global batch: a function of (seed, epoch, step), so
+        all ranks pad alike and a resumed run pads as the original did."""
+        if not self.extra_padding:
+            return np.zeros(self.steps_per_epoch, dtype=np.int64)
+        return np.random.default_rng([self.seed, epoch, 6]).integers(0, self.extra_padding + 1, self.steps_per_epoch)
+
     def __iter__(self) -> BatchIterator:
         return self
 
@@ -605,9 +621,10 @@ class BatchIterator:
         if self.offset >= self.steps_per_epoch:
             self.epoch, self.offset = self.epoch + 1, 0
         rows = self.plan(self.epoch)[self.offset, self.rank * self.mbs: (self.rank + 1) * self.mbs]
+        extra = int(self.extras(self.epoch)[self.offset])
         self.offset += 1
         return collate(self.dataset, rows, self.epoch, pad_to=self.pad_to, pad_multiple=self.pad_multiple,
-                       max_length=self.max_length, pad_id=self.pad_id)
+                       max_length=self.max_length, pad_id=self.pad_id, extra=extra)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
@@ -623,7 +640,8 @@ class BatchIterator:
         if self.pad_to == "max_length":
             padded = np.full(len(lens), self.max_length)
         else:
-            padded = np.minimum(-(-lens.max(1) // self.pad_multiple) * self.pad_multiple, self.max_length)
+            extra = np.repeat(self.extras(epoch), self.world_size)  # rows are (step, rank) micro-batches
+            padded = np.minimum(-(-lens.max(1) // self.pad_multiple) * self.pad_multiple + extra, self.max_length)
         return float(1 - lens.sum() / (padded.sum() * self.mbs))
 
 
@@ -695,7 +713,8 @@ def _demo_record(rng: random.Random) -> dict:
     digits = [rng.randrange(10) for _ in range(rng.randint(5, 10))]
     task = rng.choice(["sort", "reverse"])
     answer = sorted(digits) if task == "sort" else digits[::-1]
-    return {"prompt": f"{task}: {' '.join(map(str, digits))}", "response": " ".join(map(str, answer))}
+    # No spaces between digits: half the tokens per sample, and answer digit i lines up with prompt digit i.
+    return {"prompt": f"{task}: {''.join(map(str, digits))}", "response": "".join(map(str, answer))}
 
 
 def make_demo(out_dir: str, n_train: int = 20000, n_eval: int = 200, seed: int = 0) -> None:

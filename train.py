@@ -332,11 +332,8 @@ def train(cfg: Config) -> int:
     pad_id = special_token_ids(tokenizer)["pad"]
     micro_bs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     global_batch = micro_bs * accum * env.world_size
-    batches = BatchIterator(
-        train_set, micro_bs, rank=env.rank, world_size=env.world_size, seed=cfg.data.seed, pad_to=cfg.data.pad_to,
-        pad_multiple=cfg.data.pad_multiple, max_length=cfg.data.max_length, pad_id=pad_id,
-        length_grouping=cfg.data.length_grouping,
-    )
+    batches = BatchIterator.from_config(train_set, cfg.data, micro_bs, rank=env.rank, world_size=env.world_size,
+                                        pad_id=pad_id)
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * batches.steps_per_epoch / accum)
     print0(f"{len(train_set)} training samples, global batch {global_batch} "
            f"({micro_bs} x {accum} accumulation x {env.world_size} ranks), {total_steps} steps")

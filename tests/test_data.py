@@ -204,6 +204,30 @@ def test_length_grouping_reduces_padding(tmp_path, tok, ids):
     assert frac[1] < frac[0] / 2
 
 
+def test_extra_padding_varies_the_canvas_alike_on_all_ranks(tmp_path, tok, ids):
+    path = write_jsonl(tmp_path / "d.jsonl", sort_records(200))
+    ds, _ = data.build_datasets(DataConfig(train_files=[path], eval_fraction=0.0, cache_dir=""), tok, log=lambda s: None)
+    kw = dict(seed=1, pad_id=ids["pad"], pad_multiple=4, max_length=64, world_size=2)
+    plain = [BatchIterator(ds, 4, rank=r, **kw) for r in (0, 1)]
+    extra = [BatchIterator(ds, 4, rank=r, extra_padding=9, **kw) for r in (0, 1)]
+    draws = extra[0].extras(0)  # one draw per step, shared by the ranks
+    assert np.array_equal(draws, extra[1].extras(0)) and draws.min() >= 0 and draws.max() <= 9
+    assert len(set(draws.tolist())) >= 5
+    real = total = 0
+    for step in range(plain[0].steps_per_epoch):
+        for p, e in zip(map(next, plain), map(next, extra)):
+            L = p.input_ids.shape[1]
+            assert e.input_ids.shape[1] == min(L + draws[step], 64)  # never past max_length
+            assert torch.equal(p.indices, e.indices) and torch.equal(e.input_ids[:, :L], p.input_ids)
+            assert (e.input_ids[:, L:] == ids["pad"]).all()  # the extra positions are EOS
+            real += int((e.prompt_lengths + e.answer_lengths).sum())
+            total += e.input_ids.numel()
+    assert extra[0].padding_fraction(0) > plain[0].padding_fraction(0)
+    assert 1 - real / total == pytest.approx(extra[0].padding_fraction(0), abs=1e-12)  # the report matches
+    with pytest.raises(DataError, match="data.extra_padding"):
+        data.build_datasets(DataConfig(train_files=[path], pad_to="max_length", extra_padding=4, cache_dir=""), tok)
+
+
 def test_resume_continues_exactly(tmp_path, tok, ids):
     path = write_jsonl(tmp_path / "d.jsonl", sort_records(50))
     ds, _ = data.build_datasets(DataConfig(train_files=[path], eval_fraction=0.0, cache_dir=""), tok, log=lambda s: None)
@@ -355,8 +379,8 @@ def test_demo_assets(tmp_path, tok, ids):
     assert not {c.messages[0]["content"] for c in evals} & {c.messages[0]["content"] for c in train}
     c = train[0].messages
     task, digits = c[0]["content"].split(": ")
-    d = digits.split()
-    assert c[1]["content"].split() == (sorted(d) if task == "sort" else d[::-1]) and 5 <= len(d) <= 10
+    d = list(digits)
+    assert list(c[1]["content"]) == (sorted(d) if task == "sort" else d[::-1]) and 5 <= len(d) <= 10
     data.make_demo(str(tmp_path), n_train=50, n_eval=5)  # the generator is deterministic
     data.make_demo(str(tmp_path / "again"), n_train=50, n_eval=5)
     for name in ("sort_train.jsonl", "sort_eval.jsonl", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"):

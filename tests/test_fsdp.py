@@ -23,7 +23,7 @@ def test_fsdp_matches_one_process_resumes_and_exports(tmp_path):
     # pad_to=max_length: with pad_to=longest each rank pads to its own longest sample, and supervised EOS padding
     # makes the loss depend on that length, so only fixed-length batches give layout-independent losses.
     common = {"train.max_steps": 4, "checkpoint.every": 2, "optim.schedule": "constant", "optim.warmup_steps": 0,
-              "diffusion.time_sampling": "stratified", "train.grad_accum_steps": 2, "data.pad_to": "max_length"}
+              "diffusion.time_sampling": "stratified", "train.grad_accum_steps": 2, "data.pad_to": "max_length", "data.extra_padding": 0}
     assert train.main(tiny_args(tmp_path, "single", **common, **{"train.micro_batch_size": 4})) == 0
     fsdp = {**common, "train.micro_batch_size": 2, "parallel.mode": "fsdp"}
     out = torchrun(tiny_args(tmp_path, "fsdp", **fsdp)).stdout
@@ -60,7 +60,7 @@ def test_fsdp_matches_one_process_resumes_and_exports(tmp_path):
 
 
 def test_fsdp_with_lora_and_activation_checkpointing_matches_one_process(tmp_path):
-    common = {"train.max_steps": 2, "checkpoint.every": 0, "data.pad_to": "max_length", "lora.enabled": True,
+    common = {"train.max_steps": 2, "checkpoint.every": 0, "data.pad_to": "max_length", "data.extra_padding": 0, "lora.enabled": True,
               "model.gradient_checkpointing": True, "lora.r": 4, "lora.alpha": 8,
               "lora.dropout": 0.0, "optim.lr": 1e-2, "optim.eps": 1e-3}  # eps: see test_accumulation_...
     assert train.main(tiny_args(tmp_path, "single", **common, **{"train.micro_batch_size": 4})) == 0

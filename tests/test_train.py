@@ -94,7 +94,7 @@ def test_bad_config_value_fails(tmp_path, capsys):
 
 @pytest.mark.parametrize("normalizer", ["sequence", "token"])
 def test_accumulation_matches_one_big_batch(tmp_path, normalizer):
-    common = {"data.pad_to": "max_length", "data.length_grouping": False, "train.max_steps": 2,
+    common = {"data.pad_to": "max_length", "data.extra_padding": 0, "data.length_grouping": False, "train.max_steps": 2,
               "diffusion.normalizer": normalizer, "checkpoint.every": 0, "optim.max_grad_norm": 0.0,
               # Adam's first steps are ~lr * sign(g): for weights whose gradient is ~0, float rounding flips the
               # sign. A larger eps makes the update linear in g there, so equal updates mean equal gradients.
@@ -128,7 +128,7 @@ def test_two_ranks_match_one_process(tmp_path, lora):
     # Fixed-length batches: with pad_to=longest each rank pads to its own longest sample, and supervised EOS
     # padding makes the loss depend on that length.
     common = {"train.max_steps": 3, "checkpoint.every": 0, "diffusion.time_sampling": "stratified",
-              "data.pad_to": "max_length", "train.grad_accum_steps": 2}
+              "data.pad_to": "max_length", "data.extra_padding": 0, "train.grad_accum_steps": 2}
     if lora:  # DDP over a frozen base: only the adapter's gradients are all-reduced
         common.update({"lora.enabled": True, "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0, "optim.lr": 1e-2,
                        "optim.eps": 1e-3})
