@@ -115,10 +115,11 @@ class LLaDAConfig:
 
 MODEL_SIZES: dict[str, dict] = {
     # CPU demo and tests: ~0.8M parameters before embeddings; callers set vocab_size to their tokenizer.
-    # RoPE base 1000, not LLaDA's 500000 (made for 4096 tokens): over the demo's ~60-token canvases most of
-    # the slow 500000-base frequencies barely turn, and exact positions are what reversing a list needs.
+    # RoPE base 100, not LLaDA's 500000 (made for 4096 tokens): over the demo's ~60-token canvases most of the
+    # slow 500000-base frequencies barely turn, and exact relative positions are what reversing a list needs
+    # (demo config at lr 1e-3, one run each: base 500000 51.5% exact match, 10000 93%, 1000 99.5%, 100 98.5%).
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=384,
-                 vocab_size=512, embedding_size=512, max_sequence_length=1024, rope_theta=1000.0),
+                 vocab_size=512, embedding_size=512, max_sequence_length=1024, rope_theta=100.0),
     # The LLaDA paper's 1B shape (GQA, 32 heads of 64): 1,487,243,264 parameters, 0.97B outside embeddings.
     "llada-1b": dict(d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, mlp_hidden_size=5634,
                      vocab_size=126464, embedding_size=126464),
