@@ -1,6 +1,6 @@
 """Generate answers with a LLaDA checkpoint (optionally plus a LoRA adapter) using diffusion.generate.
 
-    python generate.py MODEL_DIR --prompt "sort: 3 1 2"
+    python generate.py MODEL_DIR --prompt "sort: 3912"
     python generate.py MODEL_DIR --adapter runs/x/step_000200/adapter --input demo/sort_eval.jsonl --output out.jsonl
 
 --input takes any format data.py reads (the last assistant turn becomes the reference answer, and
