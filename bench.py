@@ -147,8 +147,7 @@ def data_batches(args: argparse.Namespace, n: int) -> tuple[list, dict]:
     cfg = DataConfig(train_files=[args.data], eval_fraction=0.0, max_length=args.max_length, pad_to=args.pad_to,
                      length_grouping=grouping, cache_dir="", seed=args.seed)
     train, _ = build_datasets(cfg, tok, log=lambda s: print(s, file=sys.stderr))
-    it = BatchIterator(train, args.batch, seed=args.seed, pad_to=args.pad_to, pad_multiple=cfg.pad_multiple,
-                       max_length=args.max_length, pad_id=ids["pad"], length_grouping=grouping)
+    it = BatchIterator.from_config(train, cfg, args.batch, pad_id=ids["pad"])
     tokens = {"vocab_size": len(tok), "embedding_size": len(tok), "mask_token_id": ids["mask"],
               "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
     return [next(it) for _ in range(n)], tokens

@@ -565,7 +565,7 @@ class BatchIterator:
         self.pad_id, self.length_grouping, self.group_window = pad_id, length_grouping, group_window
         self.extra_padding = extra_padding if pad_to == "longest" else 0
         self.epoch, self.offset = 0, 0  # position of the NEXT global batch
-        self._plan_cache: tuple[int, np.ndarray] | None = None
+        self._plan_cache: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, plan, extras)
         if check_size and self.steps_per_epoch == 0:
             raise DataError(f"data: {len(dataset.epoch_samples(0))} samples per epoch, fewer than one global "
                             f"batch ({micro_batch_size} x {world_size} ranks)")
@@ -588,6 +588,16 @@ class BatchIterator:
 
     def plan(self, epoch: int) -> np.ndarray:
         """[steps_per_epoch, global_batch] sample indices of one epoch, identical on every rank."""
+        self._cache_epoch(epoch)
+        return self._plan_cache[1]
+
+    def extras(self, epoch: int) -> np.ndarray:
+        """[steps_per_epoch] extra EOS positions of each global batch: a function of (seed, epoch, step), so
+        all ranks pad alike and a resumed run pads as the original did."""
+        self._cache_epoch(epoch)
+        return self._plan_cache[2]
+
+    def _cache_epoch(self, epoch: int) -> None:
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch, 4])
             order = self.dataset.epoch_samples(epoch)
@@ -604,15 +614,9 @@ class BatchIterator:
                 batches = batches[rng.permutation(len(batches))]
             else:
                 batches = order.reshape(-1, G)
-            self._plan_cache = (epoch, batches)
-        return self._plan_cache[1]
-
-    def extras(self, epoch: int) -> np.ndarray:
-        """[steps_per_epoch] extra EOS positions of each global batch: a function of (seed, epoch, step), so
-        all ranks pad alike and a resumed run pads as the original did."""
-        if not self.extra_padding:
-            return np.zeros(self.steps_per_epoch, dtype=np.int64)
-        return np.random.default_rng([self.seed, epoch, 6]).integers(0, self.extra_padding + 1, self.steps_per_epoch)
+            # extra EOS positions per step (all 0 when extra_padding is 0), drawn once per epoch
+            extras = np.random.default_rng([self.seed, epoch, 6]).integers(0, self.extra_padding + 1, len(batches))
+            self._plan_cache = (epoch, batches, extras)
 
     def __iter__(self) -> BatchIterator:
         return self
