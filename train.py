@@ -305,9 +305,7 @@ def train(cfg: Config) -> int:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_incomplete(run_dir)
-        resolved = config_to_dict(cfg)
-        print0("resolved config:\n" + json.dumps(resolved, indent=2))
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+        print0("resolved config:\n" + json.dumps(config_to_dict(cfg), indent=2))
     torch.manual_seed(cfg.train.seed)
 
     # --- resume target, checked before any expensive loading -------------------------------------------------------
@@ -384,6 +382,8 @@ def train(cfg: Config) -> int:
                                           trainer_state=trainer_state, keep_last=cfg.checkpoint.keep_last,
                                           fsdp=mode == "fsdp", rank=env.rank)
 
+    if env.is_main:  # only now: a relaunch that fails its checks leaves the run's config.json as it was
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     stop = checkpoint.StopSignal()
     stop.install()
     log = MetricsLog(run_dir, cfg.log.tensorboard, env.is_main)

@@ -246,7 +246,7 @@ def test_resume_with_a_different_batch_shape_fails_before_training(ref, tmp_path
     err = capsys.readouterr().err
     assert "cannot resume" in err and "train.micro_batch_size: checkpoint 1, now 2" in err
     assert "data.max_length: checkpoint 64, now 48" in err
-    assert not (run / "metrics.jsonl").exists() and not steps(run)
+    assert not (run / "metrics.jsonl").exists() and not (run / "config.json").exists() and not steps(run)
     assert train.main(args(ref["data"], run, **{"checkpoint.resume": str(run)})) == 1
     assert "not a complete checkpoint" in capsys.readouterr().err
 

@@ -69,6 +69,14 @@ def test_run_writes_metrics_checkpoints_and_export(tmp_path):
     assert (run / "final" / "tokenizer.json").is_file()
 
 
+def test_failed_relaunch_leaves_the_runs_config(tmp_path, capsys):
+    assert train.main(tiny_args(tmp_path, **{"train.max_steps": 1, "checkpoint.every": 0})) == 0
+    before = (tmp_path / "run" / "config.json").read_text()
+    assert train.main(tiny_args(tmp_path, **{"data.extra_padding": -1})) == 1
+    assert "data.extra_padding: -1 must be >= 0" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.json").read_text() == before
+
+
 def test_overrides_take_effect(tmp_path):
     args = tiny_args(tmp_path, **{"optim.lr": 0.0123, "optim.schedule": "constant", "optim.warmup_steps": 0,
                                   "train.max_steps": 2})
