@@ -7,8 +7,10 @@ nothing assumes a single node: the device is chosen by LOCAL_RANK, everything el
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -50,12 +52,23 @@ def init_distributed() -> Dist:
 
 
 def close_distributed() -> None:
-    """Wait for every rank, then tear down NCCL. A gloo group is left to process exit: destroying it right after
-    the last collective sometimes aborts the process ("terminate called without an active exception")."""
+    """Wait for every rank, then tear down NCCL. A gloo group is left alone (see exit_process): destroying it
+    right after the last collective sometimes aborts the process ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         if "nccl" in dist.get_backend():
             dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a worker with `code`. While a gloo group is alive, skip interpreter teardown (os._exit): gloo's threads,
+    destroyed there, sometimes abort the process the same way, after every file is written and closed, which turned
+    finished runs into exit code -6 under torchrun. Call it last, with all output flushed here."""
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -647,4 +647,4 @@ def export(wrapped: torch.nn.Module, model: LLaDA, cfg: Config, env: parallel.Di
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parallel.exit_process(main())

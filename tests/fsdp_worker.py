@@ -37,3 +37,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.exit_process(0)

@@ -84,3 +84,19 @@ def test_memory_estimate_matches_the_arithmetic():
     lora_trainable = 83_886_080
     lora = parallel.estimate_memory(n, lora_trainable, 8, "ddp", frozen_bytes=2)
     assert lora["weights"] == (n - lora_trainable) * 2 + lora_trainable * 4
+
+
+def test_exit_process_skips_teardown_while_gloo_is_up():
+    """Under torchrun, gloo's threads can abort the process during interpreter teardown after all work is done;
+    exit_process ends it with the code and the output flushed, without running that teardown."""
+    script = ("import atexit, os, sys, torch.distributed as dist, parallel\n"
+              "atexit.register(lambda: print('teardown ran', flush=True))\n"
+              "if sys.argv[1] == 'dist':\n"
+              "    dist.init_process_group('gloo', rank=0, world_size=1)\n"
+              "print('work done', end='')\n"
+              "parallel.exit_process(3)\n")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+    runs = {mode: subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True,
+                                 timeout=120) for mode in ("dist", "plain")}
+    assert runs["dist"].returncode == 3 and runs["dist"].stdout == "work done"  # flushed, no teardown
+    assert runs["plain"].returncode == 3 and "teardown ran" in runs["plain"].stdout  # no group: a normal exit
